@@ -16,48 +16,6 @@ from typing import Any, Mapping
 import yaml
 
 
-@dataclass(frozen=True)
-class MoEArchitecture:
-    """Public architecture numbers of one MoE language model.
-
-    ``ffn_size`` is the intermediate size of one routed expert. Shared experts
-    always run at the source, so they are not part of the selection problem.
-    """
-
-    name: str
-    num_layers: int
-    hidden_size: int
-    ffn_size: int
-    num_experts: int
-    top_k: int
-    renormalize: bool
-
-    @property
-    def flops_per_expert(self) -> float:
-        """FLOPs of one SwiGLU expert for one token: three d x d_ff matrices, 2 FLOPs per MAC."""
-        return 6.0 * self.hidden_size * self.ffn_size
-
-
-MOE_PRESETS: dict[str, MoEArchitecture] = {
-    arch.name: arch
-    for arch in (
-        MoEArchitecture("mixtral-8x7b", 32, 4096, 14336, 8, 2, True),
-        MoEArchitecture("olmoe-1b-7b", 16, 2048, 1024, 64, 8, False),
-        MoEArchitecture("qwen1.5-moe-a2.7b", 24, 2048, 1408, 60, 4, False),
-        MoEArchitecture("deepseek-v2-lite", 26, 2048, 1408, 64, 6, False),
-        MoEArchitecture("qwen3-30b-a3b", 48, 2048, 768, 128, 8, True),
-        MoEArchitecture("deepseek-v3", 58, 7168, 2048, 256, 8, True),
-    )
-}
-
-PATHLOSS_MODELS = ("umi-nlos", "umi-los", "uma-nlos", "uma-los")
-FADING_DISTRIBUTIONS = ("rayleigh", "rician")
-FADING_MODES = ("fast", "slow")
-ACCESS_SCHEMES = ("fdma", "tdma")
-ACCURACY_BUDGET_MODES = ("per_step", "average")
-GATE_SOURCES = ("synthetic",)
-
-
 def _reject(name: str, allowed: str, value: Any) -> ValueError:
     return ValueError(f"invalid {name}: expected {allowed}, got {value!r}")
 
@@ -90,6 +48,56 @@ def _check_choice(name: str, value: Any, choices: tuple[str, ...]) -> None:
 
 
 @dataclass(frozen=True)
+class MoEArchitecture:
+    """Public architecture numbers of one MoE language model.
+
+    ``ffn_size`` is the intermediate size of one routed expert. Shared experts
+    always run at the source, so they are not part of the selection problem.
+    """
+
+    name: str
+    num_layers: int
+    hidden_size: int
+    ffn_size: int
+    num_experts: int
+    top_k: int
+    renormalize: bool
+
+    def __post_init__(self) -> None:
+        for name in ("num_layers", "hidden_size", "ffn_size", "num_experts", "top_k"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise _reject(name, "a positive integer", value)
+        if self.top_k > self.num_experts:
+            raise _reject("top_k", f"an integer in [1, num_experts={self.num_experts}]", self.top_k)
+
+    @property
+    def flops_per_expert(self) -> float:
+        """FLOPs of one SwiGLU expert for one token: three d x d_ff matrices, 2 FLOPs per MAC."""
+        return 6.0 * self.hidden_size * self.ffn_size
+
+
+MOE_PRESETS: dict[str, MoEArchitecture] = {
+    arch.name: arch
+    for arch in (
+        MoEArchitecture("mixtral-8x7b", 32, 4096, 14336, 8, 2, True),
+        MoEArchitecture("olmoe-1b-7b", 16, 2048, 1024, 64, 8, False),
+        MoEArchitecture("qwen1.5-moe-a2.7b", 24, 2048, 1408, 60, 4, False),
+        MoEArchitecture("deepseek-v2-lite", 26, 2048, 1408, 64, 6, False),
+        MoEArchitecture("qwen3-30b-a3b", 48, 2048, 768, 128, 8, True),
+        MoEArchitecture("deepseek-v3", 58, 7168, 2048, 256, 8, True),
+    )
+}
+
+PATHLOSS_MODELS = ("umi-nlos", "umi-los", "uma-nlos", "uma-los")
+FADING_DISTRIBUTIONS = ("rayleigh", "rician")
+FADING_MODES = ("fast", "slow")
+ACCESS_SCHEMES = ("fdma", "tdma")
+ACCURACY_BUDGET_MODES = ("per_step", "average")
+GATE_SOURCES = ("synthetic",)
+
+
+@dataclass(frozen=True)
 class ScenarioConfig:
     """One WIDE scenario: the MoE model, the nodes, the radio and the budgets.
 
@@ -102,9 +110,10 @@ class ScenarioConfig:
 
     # MoE model
     moe_preset: str = "mixtral-8x7b"
+    top_k: int | None = None
     activation_bits: int = 16
     gate_source: str = "synthetic"
-    gate_logit_std: float = 1.0
+    gate_logit_std: float = 0.75
     gate_popularity_std: float = 0.5
     gate_token_correlation: float = 0.5
     expert_cluster_size: int = 2
@@ -210,7 +219,11 @@ class ScenarioConfig:
 
     @property
     def architecture(self) -> MoEArchitecture:
-        return MOE_PRESETS[self.moe_preset]
+        """The preset's architecture, with ``top_k`` overridden when the scenario sets it."""
+        preset = MOE_PRESETS[self.moe_preset]
+        if self.top_k is None or self.top_k == preset.top_k:
+            return preset
+        return dataclasses.replace(preset, top_k=self.top_k)
 
     @property
     def payload_bits(self) -> float:
@@ -267,6 +280,10 @@ class ScenarioConfig:
     def _validate(self) -> None:
         if not isinstance(self.moe_preset, str) or self.moe_preset not in MOE_PRESETS:
             raise _reject("moe_preset", "one of " + ", ".join(repr(n) for n in MOE_PRESETS), self.moe_preset)
+        if self.top_k is not None:
+            _check_type("top_k", self.top_k, (int,))
+            num_experts = MOE_PRESETS[self.moe_preset].num_experts
+            _check_range("top_k", self.top_k, 1, num_experts)
         arch = self.architecture
 
         int_fields = ("activation_bits", "expert_cluster_size", "profile_seed", "num_nodes",
