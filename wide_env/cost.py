@@ -294,20 +294,29 @@ class CostModel:
         return mask
 
     def _reference_energy(self) -> float:
-        """Energy of Top-K at the mean channel: K experts spread evenly over min(K, N) edge nodes.
+        """Energy of Top-K at the mean channel: K experts spread round-robin over the edge nodes.
 
-        Every edge node sits at the mean distance with unit fading power. This
-        is the energy scale of the reward, so Top-K earns about -1 per step.
+        Every edge node sits at the mean distance with unit fading power. Experts
+        that do not fit on the edge nodes are counted at the source. This is the
+        energy scale of the reward, so Top-K earns about -1 per step.
         """
         from wide_env.channel import ChannelModel
 
         gain = ChannelModel(self.scenario).mean_distance_gain()
         gains = np.full(self.num_nodes, gain)
         counts = np.zeros(self.num_nodes + 1, dtype=np.int64)
-        for k in range(self.profile.top_k):
-            counts[1 + k % self.num_nodes] += 1
-        counts = np.minimum(counts, self.experts_per_node)
+        placed = 0
+        while placed < self.profile.top_k:
+            free = [n for n in range(1, self.num_nodes + 1) if counts[n] < self.experts_per_node[n]]
+            if not free:
+                break
+            for node in free[: self.profile.top_k - placed]:
+                counts[node] += 1
+                placed += 1
+        counts[0] = min(self.profile.top_k - placed, self.experts_per_node[0])
         gates = np.full(self.num_experts, 1.0 / self.num_experts)
         state = self.make_state(0, 0, gates, gains)
         uplink, downlink, compute, failed = self.energy_of_counts(state, counts)
-        return uplink + downlink + compute + self.failure_energy_per_node_j * len(failed)
+        energy = uplink + downlink + compute + self.failure_energy_per_node_j * len(failed)
+        # A profile with nothing to compute anywhere would give 0 J; keep the scale positive.
+        return max(energy, np.finfo(float).tiny)
