@@ -25,8 +25,12 @@ def _check_type(name: str, value: Any, kinds: tuple[type, ...]) -> None:
     if isinstance(value, bool) and bool not in kinds:
         raise TypeError(f"{name} must be {' or '.join(k.__name__ for k in kinds)}, got bool {value!r}")
     if not isinstance(value, kinds):
+        hint = ""
+        if isinstance(value, str) and float in kinds:
+            # PyYAML reads exponents without a dot, such as 80e6, as strings.
+            hint = "; in YAML write numbers with a dot, such as 80.0e6"
         raise TypeError(
-            f"{name} must be {' or '.join(k.__name__ for k in kinds)}, got {type(value).__name__} {value!r}"
+            f"{name} must be {' or '.join(k.__name__ for k in kinds)}, got {type(value).__name__} {value!r}{hint}"
         )
 
 
@@ -94,7 +98,10 @@ FADING_DISTRIBUTIONS = ("rayleigh", "rician")
 FADING_MODES = ("fast", "slow")
 ACCESS_SCHEMES = ("fdma", "tdma")
 ACCURACY_BUDGET_MODES = ("per_step", "average")
-GATE_SOURCES = ("synthetic",)
+GATE_SOURCES = ("synthetic", "trace")
+# Routing traces shipped in wide_env/data, recorded from small models with the preset's E, K and
+# renormalisation; gate_source="trace" without gate_trace_path replays the preset's trace.
+BUILTIN_TRACE_FILES = {"mixtral-8x7b": "mixtral_like.trace.npz", "olmoe-1b-7b": "olmoe_like.trace.npz"}
 
 
 @dataclass(frozen=True)
@@ -111,8 +118,10 @@ class ScenarioConfig:
     # MoE model
     moe_preset: str = "mixtral-8x7b"
     top_k: int | None = None
+    num_layers: int | None = None
     activation_bits: int = 16
     gate_source: str = "synthetic"
+    gate_trace_path: str | None = None
     gate_logit_std: float = 0.75
     gate_popularity_std: float = 0.5
     gate_token_correlation: float = 0.5
@@ -157,6 +166,8 @@ class ScenarioConfig:
     accuracy_budget: float = 0.15
     accuracy_budget_mode: str = "per_step"
     tokens_per_episode: int = 16
+    prompt_tokens: int = 16
+    prefill_latency_budget_s: float | None = None
     accuracy_violation_penalty: float = 2.0
     latency_violation_penalty: float = 1.0
 
@@ -219,11 +230,14 @@ class ScenarioConfig:
 
     @property
     def architecture(self) -> MoEArchitecture:
-        """The preset's architecture, with ``top_k`` overridden when the scenario sets it."""
+        """The preset's architecture, with ``top_k`` and ``num_layers`` overridden when the scenario sets them."""
         preset = MOE_PRESETS[self.moe_preset]
-        if self.top_k is None or self.top_k == preset.top_k:
-            return preset
-        return dataclasses.replace(preset, top_k=self.top_k)
+        overrides = {}
+        if self.top_k is not None and self.top_k != preset.top_k:
+            overrides["top_k"] = self.top_k
+        if self.num_layers is not None and self.num_layers != preset.num_layers:
+            overrides["num_layers"] = self.num_layers
+        return dataclasses.replace(preset, **overrides) if overrides else preset
 
     @property
     def payload_bits(self) -> float:
@@ -254,6 +268,17 @@ class ScenarioConfig:
         return self.latency_budget_s if self.step_duration_s is None else self.step_duration_s
 
     @property
+    def prefill_budget_s(self) -> float:
+        """Latency budget of one prefill step (one MoE layer over the prompt), in s.
+
+        Unless ``prefill_latency_budget_s`` sets it, the prompt gets the decoding
+        budget once per token, ``prompt_tokens * latency_budget_s``.
+        """
+        if self.prefill_latency_budget_s is not None:
+            return float(self.prefill_latency_budget_s)
+        return self.prompt_tokens * self.latency_budget_s
+
+    @property
     def steps_per_episode(self) -> int:
         return self.tokens_per_episode * self.architecture.num_layers
 
@@ -276,6 +301,9 @@ class ScenarioConfig:
             value = getattr(self, name)
             if isinstance(value, list):
                 object.__setattr__(self, name, tuple(value))
+        # A pathlib.Path is stored as str so that to_dict() dumps to YAML and JSON.
+        if isinstance(self.gate_trace_path, Path):
+            object.__setattr__(self, "gate_trace_path", str(self.gate_trace_path))
 
     def _validate(self) -> None:
         if not isinstance(self.moe_preset, str) or self.moe_preset not in MOE_PRESETS:
@@ -284,10 +312,13 @@ class ScenarioConfig:
             _check_type("top_k", self.top_k, (int,))
             num_experts = MOE_PRESETS[self.moe_preset].num_experts
             _check_range("top_k", self.top_k, 1, num_experts)
+        if self.num_layers is not None:
+            _check_type("num_layers", self.num_layers, (int,))
+            _check_range("num_layers", self.num_layers, 1, 10_000)
         arch = self.architecture
 
         int_fields = ("activation_bits", "expert_cluster_size", "profile_seed", "num_nodes",
-                      "csi_delay_steps", "tokens_per_episode")
+                      "csi_delay_steps", "tokens_per_episode", "prompt_tokens")
         for name in int_fields:
             _check_type(name, getattr(self, name), (int,))
         float_fields = ("gate_logit_std", "gate_popularity_std", "gate_token_correlation",
@@ -332,10 +363,15 @@ class ScenarioConfig:
         _check_range("csi_error_std", self.csi_error_std, 0.0, 1.0)
         _check_range("accuracy_budget", self.accuracy_budget, 0.0, 100.0)
         _check_range("tokens_per_episode", self.tokens_per_episode, 1, 1_000_000)
+        _check_range("prompt_tokens", self.prompt_tokens, 1, 65_536)
+        if self.prefill_latency_budget_s is not None:
+            _check_type("prefill_latency_budget_s", self.prefill_latency_budget_s, (int, float))
+            _check_range("prefill_latency_budget_s", self.prefill_latency_budget_s, 0.0, 100.0, low_open=True)
         _check_range("accuracy_violation_penalty", self.accuracy_violation_penalty, 0.0)
         _check_range("latency_violation_penalty", self.latency_violation_penalty, 0.0)
 
         _check_choice("gate_source", self.gate_source, GATE_SOURCES)
+        self._validate_gate_trace()
         _check_choice("access", self.access, ACCESS_SCHEMES)
         _check_choice("pathloss_model", self.pathloss_model, PATHLOSS_MODELS)
         _check_choice("fading", self.fading, FADING_DISTRIBUTIONS)
@@ -343,6 +379,17 @@ class ScenarioConfig:
         _check_choice("accuracy_budget_mode", self.accuracy_budget_mode, ACCURACY_BUDGET_MODES)
 
         self._validate_placement(arch)
+
+    def _validate_gate_trace(self) -> None:
+        if self.gate_trace_path is not None:
+            _check_type("gate_trace_path", self.gate_trace_path, (str,))
+            if not self.gate_trace_path:
+                raise _reject("gate_trace_path", "a trace file path or None", self.gate_trace_path)
+        elif self.gate_source == "trace" and self.moe_preset not in BUILTIN_TRACE_FILES:
+            raise ValueError(
+                f"gate_source='trace' needs gate_trace_path for moe_preset {self.moe_preset!r}: built-in traces "
+                f"exist only for {', '.join(map(repr, BUILTIN_TRACE_FILES))}; or set gate_source='synthetic'"
+            )
 
     def _validate_placement(self, arch: MoEArchitecture) -> None:
         num_experts = arch.num_experts

@@ -210,13 +210,14 @@ class CostModel:
         Returns ``(uplink_j, downlink_j, compute_j, failed_nodes)``. Under FDMA a
         node fails when it cannot finish in the budget with its count. Under TDMA
         nodes fail, those with the longest round trip at full power first,
-        until the remaining links fit. Failed nodes contribute no energy here.
+        until the remaining links fit. The source (node 0) fails when its local
+        experts cannot finish in the budget. Failed nodes contribute no energy here.
         """
         tables = state_or_tables.tables if isinstance(state_or_tables, StepState) else state_or_tables
         counts = np.asarray(counts, dtype=np.int64)
         rows = np.arange(self.num_nodes + 1)
         ok = tables.reachable[rows, counts]
-        failed = [int(n) for n in np.flatnonzero(~ok) if n > 0 and counts[n] > 0]
+        failed = [int(n) for n in np.flatnonzero(~ok) if counts[n] > 0]
         compute = float(np.where(ok, tables.compute_energy_j[rows, counts], 0.0).sum())
         if self.scenario.access == "fdma":
             uplink = float(np.where(ok, tables.uplink_energy_j[rows, counts], 0.0).sum())
@@ -262,7 +263,8 @@ class CostModel:
 
         A contacted node that cannot finish in time is charged the source's
         uplink at full power for the whole budget, and its experts count as not
-        computed in ``delta``.
+        computed in ``delta``. The source counts as such a node when its local
+        experts cannot finish in time.
         """
         computed = np.asarray(computed, dtype=bool)
         counts = self.node_counts(computed)

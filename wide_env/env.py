@@ -37,7 +37,8 @@ def validate_multibinary_action(action: Any, size: int, name: str = "action") ->
         )
     if array.dtype.kind != "b" and not np.all((array == 0) | (array == 1)):
         bad = array[(array != 0) & (array != 1)]
-        raise ValueError(f"invalid {name}: entries must be 0 or 1, got {bad[:4].tolist()}")
+        raise ValueError(f"invalid {name}: expected shape ({size},) of 0/1 values (MultiBinary({size})), "
+                         f"got entries {bad[:4].tolist()}")
     return array.astype(bool)
 
 
