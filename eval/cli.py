@@ -21,6 +21,7 @@ import numpy as np
 import yaml
 
 from agents import POLICY_NAMES
+from eval.attainability import AttainabilityHook
 from eval.metrics import PolicySummary
 from eval.runner import (
     EvaluationResult,
@@ -152,10 +153,14 @@ def _format_optional(value: float | None, template: str) -> str:
     return "-" if value is None or math.isnan(value) else template.format(value)
 
 
+def _format_percent(interval) -> str:
+    return "-" if interval is None or math.isnan(interval.mean) else f"{100 * interval.mean:.2f} %"
+
+
 def format_summary_table(summaries: Sequence[PolicySummary]) -> str:
     """Render the summaries as an aligned text table, one row per policy."""
     headers = ["policy", "energy/token (mJ)", "saving vs Top-K", "gap to oracle", "acc. viol.",
-               "lat. viol.", "mean δ", "experts/step", "nodes/step", "decide (µs)"]
+               "avoidable acc. viol.", "lat. viol.", "mean δ", "experts/step", "nodes/step", "decide (µs)"]
     rows = []
     for s in summaries:
         energy = s.energy_per_token_mj
@@ -165,6 +170,7 @@ def format_summary_table(summaries: Sequence[PolicySummary]) -> str:
             f"{s.saving_vs_topk_pct:+.1f} %",
             _format_optional(s.gap_to_oracle_pct, "{:+.1f} %"),
             f"{100 * s.accuracy_violation_rate:.2f} %",
+            _format_percent(s.extra.get("avoidable_accuracy_violation_rate")),
             f"{100 * s.latency_violation_rate:.2f} %",
             f"{s.mean_degradation:.4f}",
             f"{s.experts_per_step:.2f}",
@@ -273,7 +279,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     started = time.perf_counter()
     logger.info("evaluating %s on %d episodes of %d steps (seed %d)", " ".join(args.policies), args.episodes,
                 scenario.steps_per_episode, args.seed)
-    result = evaluate_built_policies(built, scenario, args.episodes, args.seed)
+    result = evaluate_built_policies(built, scenario, args.episodes, args.seed, hooks=[AttainabilityHook()])
     print(format_summary_table(result.summaries), flush=True)
 
     sweeps = []
