@@ -120,7 +120,7 @@ class ScenarioConfig:
     top_k: int | None = None
     num_layers: int | None = None
     activation_bits: int = 16
-    gate_source: str = "synthetic"
+    gate_source: str = "trace"
     gate_trace_path: str | None = None
     gate_logit_std: float = 0.75
     gate_popularity_std: float = 0.5
@@ -381,15 +381,12 @@ class ScenarioConfig:
         self._validate_placement(arch)
 
     def _validate_gate_trace(self) -> None:
+        # The trace file itself is checked when the environment loads it, so that a scenario
+        # that never builds gates (channel studies) does not need one.
         if self.gate_trace_path is not None:
             _check_type("gate_trace_path", self.gate_trace_path, (str,))
             if not self.gate_trace_path:
                 raise _reject("gate_trace_path", "a trace file path or None", self.gate_trace_path)
-        elif self.gate_source == "trace" and self.moe_preset not in BUILTIN_TRACE_FILES:
-            raise ValueError(
-                f"gate_source='trace' needs gate_trace_path for moe_preset {self.moe_preset!r}: built-in traces "
-                f"exist only for {', '.join(map(repr, BUILTIN_TRACE_FILES))}; or set gate_source='synthetic'"
-            )
 
     def _validate_placement(self, arch: MoEArchitecture) -> None:
         num_experts = arch.num_experts

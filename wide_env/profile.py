@@ -94,7 +94,17 @@ def synthetic_cost_tables(architecture: MoEArchitecture, cluster_size: int,
 
 
 def build_profile(scenario: ScenarioConfig) -> MoEProfile:
-    """Build the scenario's profile; the synthetic tables are drawn from ``profile_seed``."""
+    """Build the scenario's profile.
+
+    With ``gate_source="trace"`` the cost tables are the ones measured from
+    the trace's model (see ``wide_env.trace``); otherwise the synthetic tables
+    are drawn from ``profile_seed``.
+    """
+    if scenario.gate_source == "trace":
+        from wide_env.trace import scenario_trace, trace_profile
+
+        trace, _ = scenario_trace(scenario)
+        return trace_profile(scenario, trace)
     rng = np.random.default_rng([scenario.profile_seed, 0x5EED])
     skip, replace, clusters = synthetic_cost_tables(scenario.architecture, scenario.expert_cluster_size, rng)
     return MoEProfile(
@@ -169,4 +179,9 @@ def build_gate_source(scenario: ScenarioConfig) -> GateSource:
     if scenario.gate_source == "synthetic":
         return SyntheticGateSource(scenario.architecture, scenario.gate_logit_std, scenario.gate_popularity_std,
                                    scenario.gate_token_correlation, scenario.profile_seed)
-    raise ValueError(f"invalid gate_source: expected 'synthetic', got {scenario.gate_source!r}")
+    if scenario.gate_source == "trace":
+        from wide_env.trace import TraceGateSource, scenario_trace
+
+        trace, _ = scenario_trace(scenario)
+        return TraceGateSource(trace, scenario.architecture.num_layers, scenario.tokens_per_episode)
+    raise ValueError(f"invalid gate_source: expected 'synthetic' or 'trace', got {scenario.gate_source!r}")

@@ -396,7 +396,7 @@ def test_reference_energy_matches_hand_value():
 
 @pytest.mark.parametrize(
     "overrides",
-    [{}, {"access": "tdma"}, {"moe_preset": "olmoe-1b-7b"}, {"moe_preset": "deepseek-v3", "num_nodes": 16},
+    [{}, {"access": "tdma"}, {"moe_preset": "olmoe-1b-7b"}, {"moe_preset": "deepseek-v3", "num_nodes": 16, "gate_source": "synthetic"},
      {"distance_min_m": 300.0, "distance_max_m": 400.0}],
 )
 def test_reference_energy_positive(overrides):

@@ -265,7 +265,8 @@ def test_average_budget_penalty_at_end():
 
 
 def test_average_budget_met_gives_no_penalty():
-    env = WideDecodeEnv(accuracy_budget_mode="average", moe_preset="olmoe-1b-7b", tokens_per_episode=2)
+    env = WideDecodeEnv(accuracy_budget_mode="average", moe_preset="olmoe-1b-7b", tokens_per_episode=2,
+                        gate_source="synthetic")
     env.reset(seed=10)
 
     for _ in range(env.max_steps):

@@ -58,9 +58,9 @@ def test_clusters_differ_between_layers():
 
 
 def test_build_profile_depends_only_on_seed():
-    first = build_profile(ScenarioConfig(profile_seed=3))
-    again = build_profile(ScenarioConfig(profile_seed=3, access="tdma"))
-    other = build_profile(ScenarioConfig(profile_seed=4))
+    first = build_profile(ScenarioConfig(profile_seed=3, gate_source="synthetic"))
+    again = build_profile(ScenarioConfig(profile_seed=3, access="tdma", gate_source="synthetic"))
+    other = build_profile(ScenarioConfig(profile_seed=4, gate_source="synthetic"))
 
     np.testing.assert_array_equal(first.replace_cost, again.replace_cost)
     np.testing.assert_array_equal(first.skip_cost, again.skip_cost)
@@ -68,7 +68,7 @@ def test_build_profile_depends_only_on_seed():
 
 
 def test_build_profile_uses_scenario_placement():
-    profile = build_profile(ScenarioConfig(local_experts=(1,), top_k=3))
+    profile = build_profile(ScenarioConfig(local_experts=(1,), top_k=3, gate_source="synthetic"))
 
     assert profile.expert_nodes.tolist() == [1, 0, 2, 2, 3, 3, 4, 4]
     assert profile.top_k == 3
@@ -125,7 +125,7 @@ def test_softmax_sums_to_one_and_handles_large_logits():
 
 
 def make_gate_source(**overrides):
-    return build_gate_source(ScenarioConfig(**overrides))
+    return build_gate_source(ScenarioConfig(**{"gate_source": "synthetic", **overrides}))
 
 
 def test_gate_source_shape_and_determinism():
