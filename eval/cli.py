@@ -126,6 +126,13 @@ def build_parser() -> argparse.ArgumentParser:
     scenario.add_argument("--tokens", type=_positive_int,
                           help="tokens per episode, overriding the scenario's tokens_per_episode to shorten runs")
 
+    accuracy = parser.add_argument_group("measured accuracy (decisions applied inside the shipped small MoE model)")
+    accuracy.add_argument("--measure-accuracy", action="store_true",
+                          help="also run each policy's decisions inside the small MoE model that produced the "
+                               "scenario's trace and report the perplexity increase over Top-K")
+    accuracy.add_argument("--accuracy-tokens", type=_positive_int, default=1024,
+                          help="held-out tokens for --measure-accuracy (default: 1024)")
+
     output = parser.add_argument_group("output")
     output.add_argument("--out", type=Path, default=Path("results"), help="output folder (default: results/)")
     output.add_argument("--no-plots", action="store_true", help="write no PNG plots and skip the budget sweeps")
@@ -157,10 +164,17 @@ def _format_percent(interval) -> str:
     return "-" if interval is None or math.isnan(interval.mean) else f"{100 * interval.mean:.2f} %"
 
 
-def format_summary_table(summaries: Sequence[PolicySummary]) -> str:
-    """Render the summaries as an aligned text table, one row per policy."""
+def format_summary_table(summaries: Sequence[PolicySummary],
+                         perplexity_increase_pct: Mapping[str, float] | None = None) -> str:
+    """Render the summaries as an aligned text table, one row per policy.
+
+    ``perplexity_increase_pct`` maps policy names to their measured perplexity
+    increase over Top-K in %; when given, it becomes the last column.
+    """
     headers = ["policy", "energy/token (mJ)", "saving vs Top-K", "gap to oracle", "acc. viol.",
                "avoidable acc. viol.", "lat. viol.", "mean δ", "experts/step", "nodes/step", "decide (µs)"]
+    if perplexity_increase_pct is not None:
+        headers.append("ppl increase")
     rows = []
     for s in summaries:
         energy = s.energy_per_token_mj
@@ -177,6 +191,8 @@ def format_summary_table(summaries: Sequence[PolicySummary]) -> str:
             f"{s.nodes_per_step:.2f}",
             f"{s.decide_time_us:.1f}",
         ])
+        if perplexity_increase_pct is not None:
+            rows[-1].append(_format_optional(perplexity_increase_pct.get(s.policy), "{:+.2f} %"))
     widths = [max(len(row[i]) for row in [headers, *rows]) for i in range(len(headers))]
 
     def render(cells: list[str]) -> str:
@@ -280,7 +296,18 @@ def main(argv: Sequence[str] | None = None) -> int:
     logger.info("evaluating %s on %d episodes of %d steps (seed %d)", " ".join(args.policies), args.episodes,
                 scenario.steps_per_episode, args.seed)
     result = evaluate_built_policies(built, scenario, args.episodes, args.seed, hooks=[AttainabilityHook()])
-    print(format_summary_table(result.summaries), flush=True)
+    accuracy_report = None
+    perplexity = None
+    if args.measure_accuracy:
+        from eval.accuracy import measure_policy_accuracy
+
+        logger.info("measuring accuracy inside the small MoE model on %d held-out tokens", args.accuracy_tokens)
+        accuracy_report = measure_policy_accuracy(args.policies, scenario, tokens=args.accuracy_tokens,
+                                                  seed=args.seed)
+        perplexity = {name: item.perplexity_increase_percent for name, item in accuracy_report.by_policy().items()}
+    print(format_summary_table(result.summaries, perplexity), flush=True)
+    if accuracy_report is not None:
+        print("\n" + accuracy_report.format_table(), flush=True)
 
     sweeps = []
     for parameter, values in sweep_points.items():
@@ -290,6 +317,8 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     written = write_results(result, sweeps, args.out,
                             [parser.prog, *(sys.argv[1:] if argv is None else argv)])
+    if accuracy_report is not None:
+        written.append(write_csv(accuracy_report.rows(), args.out / "accuracy.csv"))
     if not args.no_plots:
         from eval.plots import plot_energy_per_episode, plot_sweep
 
