@@ -7,8 +7,9 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
 # The main job: a short PPO training on the default scenario, then the
-# evaluation against the SiftMoE oracle, Top-K and the baselines.
-DEMO_TIMESTEPS ?= 60000
+# evaluation against the SiftMoE oracle, Top-K and the baselines. Set
+# DEMO_TIMESTEPS to override the step count of train/configs/ppo.yaml.
+DEMO_TIMESTEPS ?=
 DEMO_EPISODES ?= 5
 DEMO_RUN ?= runs/demo-ppo
 DEMO_RESULTS ?= results/demo
@@ -24,9 +25,9 @@ $(STAMP): pyproject.toml constraints.txt
 	touch $(STAMP)
 
 demo: $(STAMP)
-	$(PY) -m train --algo ppo --timesteps $(DEMO_TIMESTEPS) --seed 0 --out $(DEMO_RUN)
+	$(PY) -m train --algo ppo --seed 0 --out $(DEMO_RUN) $(if $(DEMO_TIMESTEPS),--timesteps $(DEMO_TIMESTEPS))
 	$(PY) -m eval --policies oracle topk greedy random $(DEMO_RUN)/model.zip \
-		--episodes $(DEMO_EPISODES) --seed 1000 --out $(DEMO_RESULTS)
+		--episodes $(DEMO_EPISODES) --seed 1000 --out $(DEMO_RESULTS) --measure-accuracy
 
 test: $(STAMP)
 	$(PY) -m pytest -q

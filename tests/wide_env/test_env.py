@@ -233,9 +233,9 @@ def test_top_k_action_energy_is_topk():
         assert info["energy_j"] == expected.energy_j
         penalties = 0.0
         if info["accuracy_violation"]:
-            penalties += 2.0
+            penalties += env.scenario.accuracy_violation_penalty
         if info["latency_violation"]:
-            penalties += 1.0
+            penalties += env.scenario.latency_violation_penalty
         assert reward == pytest.approx(-info["energy_j"] / env.reference_energy_j - penalties)
         # Top-K loses accuracy only when one of its nodes cannot finish in time.
         if not info["latency_violation"]:
@@ -261,7 +261,7 @@ def test_average_budget_penalty_at_end():
     excess = degradation_sum - total_budget
     assert excess > 0
     assert info["accuracy_violation"]
-    assert info["reward_terms"]["accuracy_penalty"] == pytest.approx(-2.0 * excess / 0.15)
+    assert info["reward_terms"]["accuracy_penalty"] == pytest.approx(-env.scenario.accuracy_violation_penalty * excess / 0.15)
 
 
 def test_average_budget_met_gives_no_penalty():
