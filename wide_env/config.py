@@ -168,7 +168,7 @@ class ScenarioConfig:
     tokens_per_episode: int = 16
     prompt_tokens: int = 16
     prefill_latency_budget_s: float | None = None
-    accuracy_violation_penalty: float = 2.0
+    accuracy_violation_penalty: float = 3.0
     latency_violation_penalty: float = 1.0
 
     def __post_init__(self) -> None:
