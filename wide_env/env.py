@@ -10,13 +10,21 @@ from gymnasium import spaces
 
 from wide_env.channel import ChannelModel
 from wide_env.config import ScenarioConfig, resolve_scenario
-from wide_env.cost import CostModel, DecisionCost, StepState
+from wide_env.cost import CostModel, DecisionCost, NodeTables, StepBatch, StepState
 from wide_env.profile import build_gate_source, build_profile, softmax
 
 # Clip range of the standardised channel observation, in standard deviations.
 CHANNEL_OBS_LIMIT = 10.0
 # Clip range of the remaining average accuracy budget, as a fraction of the episode's budget.
 BUDGET_OBS_LIMIT = 1.0
+# Steps whose channel and node tables are computed in one call, rounded down to whole tokens.
+CHANNEL_BLOCK_STEPS = 128
+
+
+def _slice_tables(tables: NodeTables, rows: slice) -> NodeTables:
+    return NodeTables(energy_j=tables.energy_j[rows], uplink_energy_j=tables.uplink_energy_j[rows],
+                      downlink_energy_j=tables.downlink_energy_j[rows],
+                      compute_energy_j=tables.compute_energy_j[rows], reachable=tables.reachable[rows])
 
 
 def validate_multibinary_action(action: Any, size: int, name: str = "action") -> np.ndarray:
@@ -35,11 +43,28 @@ def validate_multibinary_action(action: Any, size: int, name: str = "action") ->
         raise ValueError(
             f"invalid {name}: expected shape ({size},) of 0/1 values (MultiBinary({size})), got shape {array.shape}"
         )
-    if array.dtype.kind != "b" and not np.all((array == 0) | (array == 1)):
+    kind = array.dtype.kind
+    if kind == "b":
+        return array.astype(bool)
+    # For integers, min and max bound every entry; floats also need each entry to be exactly 0 or 1.
+    valid = (array.min() >= 0 and array.max() <= 1) if kind in "iu" else bool(((array == 0) | (array == 1)).all())
+    if not valid:
         bad = array[(array != 0) & (array != 1)]
         raise ValueError(f"invalid {name}: expected shape ({size},) of 0/1 values (MultiBinary({size})), "
                          f"got entries {bad[:4].tolist()}")
     return array.astype(bool)
+
+
+def decode_observation_space(num_experts: int, num_nodes: int, average_budget: bool) -> spaces.Box:
+    """Observation space of ``WIDE-Decode-v0``; the layout is documented on ``WideDecodeEnv``."""
+    size = num_experts + num_nodes + 2 + int(average_budget)
+    low = np.zeros(size, dtype=np.float32)
+    high = np.ones(size, dtype=np.float32)
+    channel = slice(num_experts, num_experts + num_nodes)
+    low[channel], high[channel] = -CHANNEL_OBS_LIMIT, CHANNEL_OBS_LIMIT
+    if average_budget:
+        low[-1], high[-1] = -BUDGET_OBS_LIMIT, BUDGET_OBS_LIMIT
+    return spaces.Box(low, high, dtype=np.float32)
 
 
 class WideDecodeEnv(gym.Env):
@@ -99,7 +124,7 @@ class WideDecodeEnv(gym.Env):
 
         self.profile = build_profile(self.scenario)
         self.cost_model = CostModel(self.scenario, self.profile)
-        self.channel = ChannelModel(self.scenario)
+        self.channel = ChannelModel(self.scenario, block_steps=CHANNEL_BLOCK_STEPS)
         self.gate_source = build_gate_source(self.scenario)
 
         self.num_experts = self.profile.num_experts
@@ -109,18 +134,18 @@ class WideDecodeEnv(gym.Env):
         self.average_budget = self.scenario.accuracy_budget_mode == "average"
         self.reference_energy_j = self.cost_model.reference_energy_j
 
-        obs_size = self.num_experts + self.num_nodes + 2 + int(self.average_budget)
-        low = np.zeros(obs_size, dtype=np.float32)
-        high = np.ones(obs_size, dtype=np.float32)
-        channel = slice(self.num_experts, self.num_experts + self.num_nodes)
-        low[channel], high[channel] = -CHANNEL_OBS_LIMIT, CHANNEL_OBS_LIMIT
-        if self.average_budget:
-            low[-1], high[-1] = -BUDGET_OBS_LIMIT, BUDGET_OBS_LIMIT
-        self.observation_space = spaces.Box(low, high, dtype=np.float32)
+        self.observation_space = decode_observation_space(self.num_experts, self.num_nodes, self.average_budget)
         self.action_space = spaces.MultiBinary(self.num_experts)
 
         self._step_index = 0
-        self._token_gates: np.ndarray | None = None
+        # Per-token data of the current token, one row per MoE layer (see _start_token).
+        self._token_steps: StepBatch | None = None
+        self._token_observed_steps: StepBatch | None = None
+        self._token_observations: np.ndarray | None = None
+        self._token_topk_energy_j: list[float] = []
+        # Channel of the coming steps and its node tables, refilled every _channel_block_steps steps.
+        self._channel_block: dict[str, Any] | None = None
+        self._channel_block_steps = self.num_layers * max(1, CHANNEL_BLOCK_STEPS // self.num_layers)
         self._state: StepState | None = None
         self._observed_state: StepState | None = None
         self._degradation_sum = 0.0
@@ -140,7 +165,8 @@ class WideDecodeEnv(gym.Env):
         self._degradation_sum = 0.0
         self._last_cost = None
         self._last_action = None
-        self._token_gates = softmax(self.gate_source.next_token())
+        self._channel_block = None
+        self._start_token()
         self._build_state()
         return self._observation(), self._info(None, {})
 
@@ -151,8 +177,8 @@ class WideDecodeEnv(gym.Env):
 
         cost = self._simulate(computed)
         terms = self._reward_terms(cost)
-        reward = float(sum(terms.values()))
-        topk_energy = self.cost_model.evaluate(self._state, self.cost_model.top_k_mask(self._state)).energy_j
+        reward = float(terms["energy"] + terms["accuracy_penalty"] + terms["latency_penalty"])
+        topk_energy = self._token_topk_energy_j[self._state.layer]
         self._last_cost, self._last_action = cost, computed
 
         self._step_index += 1
@@ -203,28 +229,80 @@ class WideDecodeEnv(gym.Env):
     def _advance(self) -> None:
         self.channel.advance()
         if self._step_index % self.num_layers == 0:
-            self._token_gates = softmax(self.gate_source.next_token())
+            self._start_token()
         self._build_state()
 
+    def _start_token(self) -> None:
+        """Draw the next token's gates and compute everything its L steps need but the action.
+
+        The channel and the gates do not depend on the actions, so the states,
+        node tables, Top-K energies and observations of a whole token are
+        computed at once, element-wise as they would be step by step. The node
+        tables depend on the channel only and are computed for several tokens
+        at a time (see ``_load_channel_block``).
+        """
+        layers = self.num_layers
+        token = self._step_index // layers
+        gates = softmax(self.gate_source.next_token())
+        rows = self._channel_rows(layers)
+        block = self._channel_block
+        layer_index = np.arange(layers)
+        token_index = np.full(layers, token)
+        true_tables = _slice_tables(block["true_tables"], rows)
+        self._token_steps = self.cost_model.make_batch(layer_index, token_index, gates, block["true_gains"][rows],
+                                                       tables=true_tables)
+        if block["observed_gains"] is block["true_gains"]:
+            self._token_observed_steps = self._token_steps
+        else:
+            self._token_observed_steps = self.cost_model.make_batch(
+                layer_index, token_index, gates, block["observed_gains"][rows],
+                tables=_slice_tables(block["observed_tables"], rows))
+        top_k_masks = np.zeros((layers, self.num_experts), dtype=bool)
+        np.put_along_axis(top_k_masks, self._token_steps.top_k, True, axis=-1)
+        self._token_topk_energy_j = self.cost_model.energy_batch(self._token_steps, top_k_masks).tolist()
+
+        positions = np.stack([layer_index / layers, token_index / self.scenario.tokens_per_episode], axis=-1)
+        self._token_observations = np.concatenate([gates, block["channel_observation"][rows], positions],
+                                                  axis=-1).astype(np.float32)
+
+    def _channel_rows(self, num_steps: int) -> slice:
+        """Rows of the channel block for the current step and the ``num_steps - 1`` after it."""
+        block = self._channel_block
+        if block is None or self._step_index + num_steps > block["start"] + len(block["true_gains"]):
+            self._load_channel_block(max(num_steps, self._channel_block_steps))
+            block = self._channel_block
+        start = self._step_index - block["start"]
+        return slice(start, start + num_steps)
+
+    def _load_channel_block(self, num_steps: int) -> None:
+        """Simulate the channel of the next ``num_steps`` steps and compute their node tables."""
+        true_gains, observed_gains = self.channel.lookahead(num_steps)
+        true_tables = self.cost_model.node_tables(true_gains)
+        observed_tables = true_tables if observed_gains is true_gains else self.cost_model.node_tables(observed_gains)
+        channel = np.clip(self.channel.standardise_db(observed_gains), -CHANNEL_OBS_LIMIT, CHANNEL_OBS_LIMIT)
+        self._channel_block = {"start": self._step_index, "true_gains": true_gains, "observed_gains": observed_gains,
+                               "true_tables": true_tables, "observed_tables": observed_tables,
+                               "channel_observation": channel}
+
     def _build_state(self) -> None:
-        token, layer = divmod(self._step_index, self.num_layers)
-        gates = self._token_gates[layer]
-        self._state = self.cost_model.make_state(layer, token, gates, self.channel.true_gains)
-        if self.scenario.csi_delay_steps == 0 and self.scenario.csi_error_std == 0.0:
+        layer = self._step_index % self.num_layers
+        self._state = self._token_steps.state(layer)
+        if self._token_observed_steps is self._token_steps:
             self._observed_state = self._state
         else:
-            self._observed_state = self.cost_model.make_state(layer, token, gates, self.channel.observed_gains)
+            self._observed_state = self._token_observed_steps.state(layer)
 
     def _observation(self) -> np.ndarray:
-        state = self._observed_state
-        channel = np.clip(self.channel.standardise_db(state.gains), -CHANNEL_OBS_LIMIT, CHANNEL_OBS_LIMIT)
-        parts = [state.gates, channel,
-                 [state.layer / self.num_layers, state.token / self.scenario.tokens_per_episode]]
-        if self.average_budget:
-            total = self.scenario.accuracy_budget * self.max_steps
-            unused = 1.0 - self._degradation_sum / total if total > 0 else (0.0 if self._degradation_sum else 1.0)
-            parts.append([np.clip(unused, -BUDGET_OBS_LIMIT, BUDGET_OBS_LIMIT)])
-        return np.concatenate(parts).astype(np.float32)
+        layer = self._step_index % self.num_layers if self._step_index < self.max_steps else self.num_layers - 1
+        row = self._token_observations[layer]
+        if not self.average_budget:
+            return row.copy()
+        total = self.scenario.accuracy_budget * self.max_steps
+        unused = 1.0 - self._degradation_sum / total if total > 0 else (0.0 if self._degradation_sum else 1.0)
+        observation = np.empty(row.size + 1, dtype=np.float32)
+        observation[:-1] = row
+        observation[-1] = np.clip(unused, -BUDGET_OBS_LIMIT, BUDGET_OBS_LIMIT)
+        return observation
 
     # -- masks and views ------------------------------------------------------
 
