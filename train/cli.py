@@ -60,7 +60,7 @@ RESERVED_HYPERPARAMETERS = {
 # Names that policy_kwargs.activation_fn may take in YAML, mapped to torch.nn class names.
 ACTIVATION_FUNCTIONS = {"relu": "ReLU", "tanh": "Tanh", "elu": "ELU", "leaky_relu": "LeakyReLU", "gelu": "GELU",
                         "silu": "SiLU"}
-VEC_ENV_KINDS = ("dummy", "subproc")
+VEC_ENV_KINDS = ("native", "dummy", "subproc")
 # Default of build_run_config's ``normalize``: take the entry of the algorithm's YAML file.
 FROM_CONFIG = "from-config"
 # Seed offset of the evaluation env, so that it does not replay the training envs' episodes.
@@ -80,7 +80,7 @@ class RunConfig:
     normalize: dict[str, Any] | None
     scenario: ScenarioConfig
     out: Path
-    vec_env: str = "dummy"
+    vec_env: str = "native"
     eval_freq: int = 25_000
     eval_episodes: int = 5
     checkpoint_freq: int = 50_000
@@ -254,7 +254,7 @@ def build_run_config(algo: str, *, seed: int = 0, timesteps: int | None = None, 
                      scenario: str | Path | ScenarioConfig | None = None,
                      scenario_overrides: Mapping[str, Any] | None = None,
                      hyperparameter_overrides: Mapping[str, Any] | None = None,
-                     normalize: Any = FROM_CONFIG, out: str | Path | None = None, vec_env: str = "dummy",
+                     normalize: Any = FROM_CONFIG, out: str | Path | None = None, vec_env: str = "native",
                      eval_freq: int = 25_000,
                      eval_episodes: int = 5, checkpoint_freq: int = 50_000, progress_bar: bool = False,
                      device: str = "cpu", torch_threads: int = 1, verbose: int = 0,
@@ -333,9 +333,32 @@ def make_env(scenario: ScenarioConfig, discrete_subsets: bool = False) -> gym.En
 
 
 def make_vec_env(run: RunConfig, n_envs: int, seed: int, monitor_dir: Path | None = None):
-    """Vectorised, Monitor-wrapped envs for ``run``."""
+    """Vectorised, Monitor-wrapped envs for ``run``.
+
+    ``native`` is the batched ``WideDecodeVectorEnv`` behind SB3's VecEnv
+    interface; it has a fixed cost per step, so a single env (the evaluation
+    env) always uses ``DummyVecEnv``.
+    """
     from stable_baselines3.common.env_util import make_vec_env as sb3_make_vec_env
     from stable_baselines3.common.vec_env import DummyVecEnv, SubprocVecEnv
+
+    if run.vec_env == "native":
+        from stable_baselines3.common.vec_env import VecMonitor
+
+        from wide_env.vector import make_sb3_vec_env
+
+        monitor_path = str(monitor_dir / "vec") if monitor_dir is not None else None
+        if monitor_dir is not None:
+            monitor_dir.mkdir(parents=True, exist_ok=True)
+        if n_envs > 1:
+            return make_sb3_vec_env(n_envs, seed=seed, scenario=run.scenario,
+                                    discrete_subsets=run.algo in DISCRETE_SUBSET_ALGORITHMS,
+                                    monitor_path=monitor_path)
+        # VecMonitor on top, as on the native env, so VecNormalize can sync train and eval statistics.
+        factory = functools.partial(make_env, run.scenario, run.algo in DISCRETE_SUBSET_ALGORITHMS)
+        single = DummyVecEnv([factory])
+        single.seed(seed)
+        return VecMonitor(single, monitor_path)
 
     factory = functools.partial(make_env, run.scenario, run.algo in DISCRETE_SUBSET_ALGORITHMS)
     vec_env_cls = SubprocVecEnv if run.vec_env == "subproc" and n_envs > 1 else DummyVecEnv
@@ -528,9 +551,9 @@ def build_parser() -> argparse.ArgumentParser:
     runtime = parser.add_argument_group("runtime")
     runtime.add_argument("--n-envs", type=int, default=None,
                          help="number of training envs stepped together (default: the YAML 'n_envs')")
-    runtime.add_argument("--vec-env", choices=VEC_ENV_KINDS, default="dummy",
-                         help="run the training envs in this process (dummy, default) or one process each "
-                              "(subproc)")
+    runtime.add_argument("--vec-env", choices=VEC_ENV_KINDS, default="native",
+                         help="step the training envs as one batched env (native, default), one by one in "
+                              "this process (dummy) or one process each (subproc)")
     runtime.add_argument("--device", default="cpu", help="torch device (default cpu)")
     runtime.add_argument("--torch-threads", type=int, default=1,
                          help="torch CPU threads (default 1, because small MLPs gain little from more threads "
