@@ -127,7 +127,7 @@ class OracleBatchResult:
 
 
 @lru_cache(maxsize=64)
-def _subsets_up_to(size: int, max_members: int) -> np.ndarray:
+def subsets_up_to(size: int, max_members: int) -> np.ndarray:
     """All subsets of ``range(size)`` with at most ``max_members`` members as a boolean matrix."""
     rows = []
     for members in range(min(size, max_members) + 1):
@@ -155,7 +155,7 @@ class _Enumeration:
 
     @classmethod
     def build(cls, cost_model: CostModel) -> "_Enumeration":
-        masks = _subsets_up_to(cost_model.num_experts, cost_model.profile.top_k)
+        masks = subsets_up_to(cost_model.num_experts, cost_model.profile.top_k)
         members = np.zeros((cost_model.profile.top_k, masks.shape[0]), dtype=np.int64)
         for row, mask in enumerate(masks):
             chosen = np.flatnonzero(mask)

@@ -21,11 +21,9 @@ exact program relies on to set ``u_n`` to the number of tokens that use node ``n
 
 from __future__ import annotations
 
-import itertools
 import math
 import time
 from dataclasses import dataclass, field
-from functools import lru_cache
 from typing import Any
 
 import numpy as np
@@ -33,7 +31,7 @@ from scipy import sparse
 from scipy.optimize import Bounds, LinearConstraint, milp
 
 from agents.base import Policy
-from agents.oracle import STATUS_INFEASIBLE, STATUS_OPTIMAL, SiftMoEOracle
+from agents.oracle import STATUS_INFEASIBLE, STATUS_OPTIMAL, SiftMoEOracle, subset_count, subsets_up_to
 from wide_env import radio
 from wide_env.cost import DEGRADATION_TOLERANCE
 from wide_env.prefill_cost import PrefillCostModel, PrefillState
@@ -575,24 +573,6 @@ class ExactPrefillOracle:
 # -- fast best-response method ----------------------------------------------------------
 
 
-@lru_cache(maxsize=64)
-def _subsets_up_to(size: int, max_members: int) -> np.ndarray:
-    """Return all subsets of ``range(size)`` with at most ``max_members`` members as a boolean matrix."""
-    rows = [np.zeros(size, dtype=bool)]
-    for members in range(1, min(size, max_members) + 1):
-        for combo in itertools.combinations(range(size), members):
-            row = np.zeros(size, dtype=bool)
-            row[list(combo)] = True
-            rows.append(row)
-    matrix = np.array(rows, dtype=bool).reshape(len(rows), size)
-    matrix.setflags(write=False)
-    return matrix
-
-
-def _subset_count(size: int, max_members: int) -> int:
-    return sum(math.comb(size, m) for m in range(min(size, max_members) + 1))
-
-
 def _truncate_candidates(cm: PrefillCostModel, state: PrefillState, token: int,
                          candidates: np.ndarray) -> np.ndarray:
     """Drop the weakest replacement candidates until at most ``ENUMERATION_LIMIT`` subsets remain.
@@ -600,7 +580,7 @@ def _truncate_candidates(cm: PrefillCostModel, state: PrefillState, token: int,
     Top-K candidates are always kept; replacements are ranked by their weighted
     saving over skipping, summed over the token's Top-K experts.
     """
-    if _subset_count(len(candidates), cm.top_k) <= ENUMERATION_LIMIT:
+    if subset_count(len(candidates), cm.top_k) <= ENUMERATION_LIMIT:
         return candidates
     top_k = state.top_k[token]
     in_top_k = np.isin(candidates, top_k)
@@ -608,7 +588,7 @@ def _truncate_candidates(cm: PrefillCostModel, state: PrefillState, token: int,
     replace = cm.profile.replace_cost[state.layer][top_k][:, candidates]  # (K, M)
     saving = (state.weights[token][:, None] * np.maximum(skip[:, None] - replace, 0.0)).sum(axis=0)
     keep = int(in_top_k.sum())
-    while _subset_count(keep + 1, cm.top_k) <= ENUMERATION_LIMIT:
+    while subset_count(keep + 1, cm.top_k) <= ENUMERATION_LIMIT:
         keep += 1
     others = np.flatnonzero(~in_top_k)
     others = others[np.argsort(-saving[others], kind="stable")][: max(keep - int(in_top_k.sum()), 0)]
@@ -621,7 +601,7 @@ class _TokenOptions:
     def __init__(self, cm: PrefillCostModel, state: PrefillState, token: int, candidates: np.ndarray,
                  budget: float):
         candidates = _truncate_candidates(cm, state, token, candidates)
-        subsets = _subsets_up_to(len(candidates), cm.top_k)
+        subsets = subsets_up_to(len(candidates), cm.top_k)
         self.masks = np.zeros((len(subsets), cm.num_experts), dtype=bool)
         self.masks[:, candidates] = subsets
         self.counts = self.masks.astype(np.int64) @ cm.node_onehot  # (P, N + 1)
