@@ -421,7 +421,7 @@ class ChannelModel:
 
     @property
     def observed_gains(self) -> np.ndarray:
-        """Linear power gain as the source knows it: delayed and with estimation error."""
+        """Linear power gain in the CSI available at the source: delayed and with estimation error."""
         return self._observed[self._position]
 
     def standardise_db(self, gains: np.ndarray) -> np.ndarray:
