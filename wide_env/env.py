@@ -27,6 +27,18 @@ def _slice_tables(tables: NodeTables, rows: slice) -> NodeTables:
                       compute_energy_j=tables.compute_energy_j[rows], reachable=tables.reachable[rows])
 
 
+def average_budget_penalty(degradation_sum, scenario: ScenarioConfig, num_steps: int):
+    """Compute the end-of-episode accuracy penalty under an average budget (zero or negative).
+
+    It is ``accuracy_violation_penalty`` times the excess of ``sum(delta)`` over
+    ``eps_avg * num_steps``, divided by ``max(eps_avg, 0.01)`` so that a zero
+    budget stays finite. Takes a float or a numpy array of sums.
+    """
+    excess = np.maximum(np.asarray(degradation_sum, dtype=np.float64) - scenario.accuracy_budget * num_steps, 0.0)
+    penalty = -scenario.accuracy_violation_penalty * excess / max(scenario.accuracy_budget, 0.01)
+    return float(penalty) if penalty.ndim == 0 else penalty
+
+
 def validate_multibinary_action(action: Any, size: int, name: str = "action") -> np.ndarray:
     """Return ``action`` as a boolean mask of length ``size`` or raise naming what is wrong.
 
@@ -209,9 +221,8 @@ class WideDecodeEnv(gym.Env):
             if not cost.accuracy_ok:
                 terms["accuracy_penalty"] = -sc.accuracy_violation_penalty
         elif self._step_index + 1 >= self.max_steps:
-            excess = self._degradation_sum - sc.accuracy_budget * self.max_steps
-            if excess > 0:
-                terms["accuracy_penalty"] = -sc.accuracy_violation_penalty * excess / max(sc.accuracy_budget, 0.01)
+            if self._degradation_sum > sc.accuracy_budget * self.max_steps:
+                terms["accuracy_penalty"] = average_budget_penalty(self._degradation_sum, sc, self.max_steps)
         return terms
 
     def _info(self, cost: DecisionCost | None, terms: dict[str, float]) -> dict[str, Any]:

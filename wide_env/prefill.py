@@ -10,7 +10,7 @@ from gymnasium import spaces
 
 from wide_env.channel import ChannelModel
 from wide_env.config import ScenarioConfig, resolve_scenario
-from wide_env.env import BUDGET_OBS_LIMIT, CHANNEL_OBS_LIMIT, validate_multibinary_action
+from wide_env.env import BUDGET_OBS_LIMIT, CHANNEL_OBS_LIMIT, average_budget_penalty, validate_multibinary_action
 from wide_env.prefill_cost import PrefillCostModel, PrefillDecisionCost, PrefillState
 from wide_env.profile import build_gate_source, build_profile, softmax
 
@@ -167,9 +167,8 @@ class WidePrefillEnv(gym.Env):
         if not self.average_budget:
             terms["accuracy_penalty"] = -sc.accuracy_violation_penalty * cost.tokens_violating / self.num_tokens
         elif self._step_index + 1 >= self.max_steps:
-            excess = self._degradation_sum - sc.accuracy_budget * self.max_steps
-            if excess > 0:
-                terms["accuracy_penalty"] = -sc.accuracy_violation_penalty * excess / max(sc.accuracy_budget, 0.01)
+            if self._degradation_sum > sc.accuracy_budget * self.max_steps:
+                terms["accuracy_penalty"] = average_budget_penalty(self._degradation_sum, sc, self.max_steps)
         return terms
 
     def _info(self, cost: PrefillDecisionCost | None, terms: dict[str, float]) -> dict[str, Any]:

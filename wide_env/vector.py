@@ -21,7 +21,7 @@ from gymnasium.vector.utils import batch_space
 from wide_env.channel import ChannelBatch, NormalStreams
 from wide_env.config import ScenarioConfig, resolve_scenario
 from wide_env.cost import CostModel, DecisionCostBatch, StepBatch, sum_last_axis
-from wide_env.env import CHANNEL_OBS_LIMIT, BUDGET_OBS_LIMIT, decode_observation_space
+from wide_env.env import BUDGET_OBS_LIMIT, CHANNEL_OBS_LIMIT, average_budget_penalty, decode_observation_space
 from wide_env.profile import SyntheticGateSource, build_gate_source, build_profile
 
 # Largest seed drawn for the per-episode generators, as in WideDecodeEnv.reset.
@@ -430,9 +430,7 @@ class WideDecodeVectorEnv(VectorEnv):
             accuracy = np.where(cost.accuracy_ok, 0.0, -sc.accuracy_violation_penalty)
         else:
             last = self._step_index + 1 >= self.max_steps
-            excess = self._degradation_sum - sc.accuracy_budget * self.max_steps
-            accuracy = np.where(last & (excess > 0),
-                                -sc.accuracy_violation_penalty * excess / max(sc.accuracy_budget, 0.01), 0.0)
+            accuracy = np.where(last, average_budget_penalty(self._degradation_sum, sc, self.max_steps), 0.0)
         return {"energy": energy, "accuracy_penalty": accuracy, "latency_penalty": latency}
 
     def _observations(self) -> np.ndarray:
