@@ -11,7 +11,7 @@ from wide_env.cost import DEGRADATION_TOLERANCE, StepState
 
 
 def privileged_state(info: dict[str, Any], csi: str = "true") -> StepState:
-    """The StepState in ``info["privileged"]`` for the true or the observed channel."""
+    """Return the StepState in ``info["privileged"]`` for the true or the observed channel."""
     try:
         privileged = info["privileged"]
     except (KeyError, TypeError):
@@ -62,7 +62,7 @@ class GreedyChannelPolicy(Policy):
 
     Start from the reachable Top-K experts. If dropping the unreachable ones
     broke the accuracy budget, add the reachable replacement that lowers
-    ``delta`` most per joule until it holds or nothing helps. Then repeatedly
+    ``delta`` most per joule until the budget is met or no replacement helps. Then repeatedly
     drop the computed expert whose removal saves the most energy while
     ``delta`` stays within the budget.
     """

@@ -128,7 +128,7 @@ class OracleBatchResult:
 
 @lru_cache(maxsize=64)
 def subsets_up_to(size: int, max_members: int) -> np.ndarray:
-    """All subsets of ``range(size)`` with at most ``max_members`` members as a boolean matrix."""
+    """Return all subsets of ``range(size)`` with at most ``max_members`` members as a boolean matrix."""
     rows = []
     for members in range(min(size, max_members) + 1):
         for combo in itertools.combinations(range(size), members):

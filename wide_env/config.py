@@ -41,8 +41,14 @@ def _check_range(name: str, value: float, low: float | None = None, high: float 
     too_low = low is not None and (value <= low if low_open else value < low)
     too_high = high is not None and (value >= high if high_open else value > high)
     if too_low or too_high:
-        lo = "(-inf" if low is None else ("(" if low_open else "[") + f"{low:g}"
-        hi = "inf)" if high is None else f"{high:g}" + (")" if high_open else "]")
+        if low is None:
+            lo = "(-inf"
+        else:
+            lo = ("(" if low_open else "[") + f"{low:g}"
+        if high is None:
+            hi = "inf)"
+        else:
+            hi = f"{high:g}" + (")" if high_open else "]")
         raise _reject(name, f"a value in {lo}, {hi}", value)
 
 

@@ -192,7 +192,7 @@ class DecisionCost:
     computed: np.ndarray = field(default_factory=lambda: np.zeros(0, dtype=bool))
 
     def as_info(self) -> dict:
-        """The cost terms as plain floats, ints and bools for an ``info`` dict."""
+        """Return the cost terms as plain floats, ints and bools for an ``info`` dict."""
         return {
             "energy_j": self.energy_j,
             "uplink_energy_j": self.uplink_energy_j,

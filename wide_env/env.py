@@ -309,7 +309,11 @@ class WideDecodeEnv(gym.Env):
         if not self.average_budget:
             return row.copy()
         total = self.scenario.accuracy_budget * self.max_steps
-        unused = 1.0 - self._degradation_sum / total if total > 0 else (0.0 if self._degradation_sum else 1.0)
+        if total > 0:
+            unused = 1.0 - self._degradation_sum / total
+        else:
+            # A zero budget is fully used by any degradation at all.
+            unused = 0.0 if self._degradation_sum else 1.0
         observation = np.empty(row.size + 1, dtype=np.float32)
         observation[:-1] = row
         observation[-1] = np.clip(unused, -BUDGET_OBS_LIMIT, BUDGET_OBS_LIMIT)

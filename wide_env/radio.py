@@ -93,8 +93,8 @@ def tdma_allocation(bits, gains, bandwidth_hz, noise_psd_w_per_hz, tau_min_s, bu
     def total_time(lam: float) -> float:
         return float(np.maximum(_time_at_multiplier(lam, bits, a, bandwidth_hz), tau_min).sum())
 
-    # At lam_high every link sits at its tau_min, so the sum is at most the budget;
-    # as lam falls to 0 the unconstrained times grow without bound.
+    # At lam_high every link sits at its tau_min, so the sum is at most the budget.
+    # As lam falls to 0 the unconstrained times grow without bound.
     lam_high = float(np.max(-tx_energy_derivative(tau_min, bits, gains, bandwidth_hz, noise_psd_w_per_hz)))
     lam_high = max(lam_high, 1e-300)
     lam_low = lam_high

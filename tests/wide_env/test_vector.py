@@ -326,7 +326,8 @@ def test_sb3_vec_env_matches_dummy_vec_env():
                 assert info["TimeLimit.truncated"] == expected["TimeLimit.truncated"]
                 assert info["episode"]["l"] == expected["episode"]["l"]
                 assert info["episode"]["r"] == pytest.approx(expected["episode"]["r"], rel=1e-5)
-    assert dones.sum() == 0 and step == 33
+    assert dones.sum() == 0
+    assert step == 33
 
 
 def test_sb3_vec_env_supports_masks_and_attributes():
